@@ -1,0 +1,226 @@
+"""The CLIP model wrapper: loading (by name or local checkpoint) and batched encoding."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+with warnings.catch_warnings():  # openai-clip imports the deprecated pkg_resources
+    warnings.simplefilter("ignore", UserWarning)
+    import clip
+from clip.model import build_model
+from PIL import Image, ImageStat
+
+DEFAULT_MODEL = "ViT-B/32"
+DEFAULT_CACHE_DIR = Path("~/.cache/clip").expanduser()
+PREPROCESS_MODES = ("crop", "pad")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Texts are cached one by one, so a repeated query or label set costs no text-tower pass.
+TEXT_CACHE_SIZE = 4096
+
+
+class ModelLoadError(RuntimeError):
+    """The CLIP weights could not be loaded; the message says what to do."""
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, *,
+               precision: str = "auto", preprocess: str = "crop",
+               download_root: str | os.PathLike | None = None) -> ClipEncoder:
+    """Load CLIP weights and wrap them in a :class:`ClipEncoder`.
+
+    Parameters
+    ----------
+    spec : a name from ``clip.available_models()`` (downloaded into ``~/.cache/clip``) or a
+        path to a checkpoint: an OpenAI TorchScript archive or a plain ``state_dict`` file.
+    device : ``"cuda"``, ``"cpu"`` or ``None`` for CUDA when present.
+    precision : ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    preprocess : ``"crop"`` (CLIP's centre crop) or ``"pad"`` (pad to a square first).
+
+    Raises
+    ------
+    ModelLoadError
+        With a message naming the model, the cache folder and the ``--model PATH`` option.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, not {preprocess!r}")
+    path = Path(spec).expanduser()
+    if spec in clip.available_models():
+        model, identity = _load_named(spec, download_root), spec
+    elif path.is_file():
+        model, identity = _load_checkpoint(path), "sha256:" + _file_sha256(path)
+    else:
+        raise ModelLoadError(
+            f"{spec!r} is neither a CLIP model name ({', '.join(clip.available_models())}) "
+            "nor an existing checkpoint file. Pass --model NAME or --model PATH.")
+    return ClipEncoder(model, identity, device=device, precision=precision,
+                       preprocess_mode=preprocess)
+
+
+def _load_named(name: str, download_root) -> torch.nn.Module:
+    root = Path(download_root).expanduser() if download_root else DEFAULT_CACHE_DIR
+    file_name = os.path.basename(clip.clip._MODELS[name])
+    try:
+        model, _ = clip.load(name, device="cpu", jit=False, download_root=str(root))
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ModelLoadError(
+            f"Could not load the CLIP model {name!r}: the weights are not in {root} and the "
+            f"download failed ({reason}). On a machine with network access, download "
+            f"{clip.clip._MODELS[name]} and place it at {root / file_name}, or start with "
+            "--model PATH pointing at a local checkpoint file.") from None
+    return model.float().eval()
+
+
+def _load_checkpoint(path: Path) -> torch.nn.Module:
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated, but OpenAI ships it
+            warnings.simplefilter("ignore", FutureWarning)
+            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except RuntimeError:
+        # A plain torch.save(model.state_dict()) file is not TorchScript.
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"{path} is not a readable CLIP checkpoint ({exc})") from None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    try:
+        return build_model(dict(state_dict)).float().eval()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path} does not hold CLIP weights ({type(exc).__name__}: {exc})") from None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pad_to_square(image: Image.Image) -> Image.Image:
+    """Pad an RGB image to a square with its mean colour, keeping objects near the edges."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    mean = tuple(round(channel) for channel in ImageStat.Stat(image.convert("RGB")).mean)
+    canvas = Image.new("RGB", (side, side), mean)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class ClipEncoder:
+    """CLIP's two towers behind a small API: L2-normalised float32 ``Tensor[N, D]`` out."""
+
+    def __init__(self, model: torch.nn.Module, identity: str, *, device: str = "cpu",
+                 precision: str = "auto", preprocess_mode: str = "crop"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.precision = _resolve_precision(precision, self.device)
+        self.preprocess_mode = preprocess_mode
+        self.identity = identity if preprocess_mode == "crop" else f"{identity}+pad"
+        self.dim = int(model.text_projection.shape[1])
+        self.context_length = int(model.context_length)
+        self._transform = clip.clip._transform(model.visual.input_resolution)
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return (f"ClipEncoder({self.identity!r}, device={self.device.type!r}, "
+                f"precision={self.precision!r})")
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """CLIP's own preprocessing (resize, centre crop, normalise) of one RGB image."""
+        if self.preprocess_mode == "pad":
+            image = pad_to_square(image)
+        return self._transform(image)
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        """Embed RGB PIL images; returns ``Tensor[N, D]``, float32, rows of norm 1."""
+        chunks = [self.encode_pixels(torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]))
+                  for i in range(0, len(images), batch_size)]
+        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embed a preprocessed batch ``Tensor[N, 3, H, W]``."""
+        with torch.inference_mode(), self._autocast():
+            features = self.model.encode_image(pixels.to(self.device))
+        return _normalise(features)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Embed texts with CLIP's tokenizer; longer than 77 tokens is truncated, not an error."""
+        texts = list(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        for start in range(0, len(missing), batch_size):
+            batch = missing[start:start + batch_size]
+            for text, row in zip(batch, self._encode_text_batch(batch)):
+                self._remember(text, row)
+        if not texts:
+            return torch.empty(0, self.dim)
+        rows = [self._text_cache[t] for t in texts]
+        for text in texts:
+            self._text_cache.move_to_end(text)
+        return torch.stack(rows)
+
+    def _remember(self, text: str, row: torch.Tensor) -> None:
+        self._text_cache[text] = row
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+
+    def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
+        tokens = clip.tokenize(texts, context_length=self.context_length, truncate=True)
+        with torch.inference_mode(), self._autocast():
+            features = encode_tokens(self.model, tokens.to(self.device))
+        return _normalise(features)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's ``encode_text``, run only up to the last end-of-text token in the batch.
+
+    The text transformer is causal and its output is read at the end-of-text token (the
+    highest token id), so the padding after it never changes the result: cutting it off
+    gives the same embedding for a fraction of the 77-token cost.
+    """
+    eot = tokens.argmax(dim=-1)
+    length = int(eot.max()) + 1
+    tokens = tokens[:, :length]
+    x = model.token_embedding(tokens).type(model.dtype)
+    x = x + model.positional_embedding[:length].type(model.dtype)
+    x = x.permute(1, 0, 2)  # NLD -> LND
+    mask = model.build_attention_mask()[:length, :length].to(x.device, x.dtype)
+    for block in model.transformer.resblocks:
+        normed = block.ln_1(x)
+        x = x + block.attn(normed, normed, normed, need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = x.permute(1, 0, 2)  # LND -> NLD
+    x = model.ln_final(x).type(model.dtype)
+    return x[torch.arange(x.shape[0]), eot] @ model.text_projection
+
+
+def _normalise(features: torch.Tensor) -> torch.Tensor:
+    features = features.float()
+    return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    return "fp16" if device.type == "cuda" else "fp32"
+
