@@ -180,6 +180,13 @@ class FeatureLibrary:
     def has_image(self, sha256: str) -> bool:
         return sha256 in self._row_of_sha
 
+    def feature(self, file: str) -> torch.Tensor:
+        """The stored float32 embedding of one library image."""
+        with self._lock:
+            if file not in self._row_of_file:
+                raise KeyError(f"{file!r} is not in the library")
+            return self._matrix[self._row_of_file[file]].float().clone()
+
     def search_text(self, query: str, k: int = 5) -> list[Entry]:
         """The ``k`` images that best match an English text query, best first."""
         if not isinstance(query, str) or not query.strip():
@@ -191,7 +198,7 @@ class FeatureLibrary:
                      name: str | None = None) -> list[Entry]:
         """The ``k`` library images most similar to ``image``; the image itself is left out."""
         k = check_k(k)
-        prepared = self._prepare(image, name)
+        prepared = self.prepare(image, name)
         feature = self.model.encode_pixels(prepared.pixels[None])[0]
         return self.search_vector(feature, k, exclude_sha=prepared.sha256 if exclude_self else None)
 
@@ -336,7 +343,8 @@ class FeatureLibrary:
         if self.read_only:
             raise ReadOnlyLibraryError("the library is read-only; nothing is stored")
 
-    def _prepare(self, image: ImageSource, name: str | None) -> PreparedImage:
+    def prepare(self, image: ImageSource, name: str | None = None) -> PreparedImage:
+        """Decode, hash and preprocess an image with this library's model and pixel limit."""
         prepared = prepare_image(self.model, image, name, self.max_pixels)
         if prepared.error:
             raise ImageLoadError(prepared.name, prepared.error)
