@@ -43,7 +43,9 @@ class Limits:
     max_labels: int = 64
     max_k: int = 50
     max_files_per_add: int = 100
+    # CLIP reads 77 tokens; these caps keep a huge paste cheap to parse.
     max_query_chars: int = 1000
+    max_label_text_chars: int = 200_000
     gallery_page_size: int = 60
 
 
@@ -84,7 +86,8 @@ class Handlers:
         if not image:
             raise gr.Error("Upload an image to classify.")
         try:
-            label_list = parse_labels(self._clip(labels or ""), self.limits.max_labels)
+            label_list = parse_labels(str(labels or "")[: self.limits.max_label_text_chars],
+                                      self.limits.max_labels)
             stored = None if self.read_only else self.library.add_many([image])[0]
             if stored is not None and stored.status == "refused":
                 raise ImageLoadError(stored.name, stored.reason)
@@ -105,7 +108,7 @@ class Handlers:
     def search_text(self, query: str, k=6):
         """Gallery items ``(path, "score · file")``, best first, for an English text query."""
         k = self._parse_k(k)
-        query = self._clip(query or "").strip()
+        query = str(query or "")[: self.limits.max_query_chars].strip()
         if not query:
             raise gr.Error("Type something to search for.")
         return self._gallery_items(self.library.search_text(query, k))
@@ -176,10 +179,6 @@ class Handlers:
             raise gr.Error(f"k must be a number from 1 to {self.limits.max_k}, not {k!r}.")
         return min(int(value), self.limits.max_k)
 
-    def _clip(self, text: str) -> str:
-        # CLIP reads 77 tokens at most; capping the raw text first keeps a huge paste cheap.
-        return str(text)[: self.limits.max_query_chars * 10]
-
     @staticmethod
     def _gallery_items(entries):
         return [(str(e.path), f"{e.score:.3f}{CAPTION_SEPARATOR}{e.file}") for e in entries]
@@ -189,8 +188,12 @@ def build_demo(library: FeatureLibrary, classifier: ZeroShotClassifier | None = 
                read_only: bool = False, limits: Limits = Limits()) -> gr.Blocks:
     """The app's interface over ``library``; launching is left to the caller."""
     handlers = Handlers(library, classifier, read_only=read_only, limits=limits)
+    # Library files never change once written (their names come from their hash), so gradio
+    # may serve them in place instead of hashing and copying each result into its cache.
+    gr.set_static_paths([library.image_dir])
     k_slider = dict(minimum=1, maximum=limits.max_k, value=6, step=1, label="Number of results (k)")
-    with gr.Blocks(title="CLIP image understanding") as demo:
+    # delete_cache: gradio's copies of uploads are removed after an hour.
+    with gr.Blocks(title="CLIP image understanding", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# CLIP image understanding\nZero-shot classification and search over "
                     f"a library of **{len(library)}** images with OpenAI's CLIP "
                     f"(`{library.model.identity}`)."

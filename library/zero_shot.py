@@ -41,16 +41,19 @@ SINGLE_TEMPLATE = "a photo of a {}."
 # The scale CLIP learned for its logits (exp of logit_scale is 100 in the released models).
 LOGIT_SCALE = 100.0
 DEFAULT_MAX_LABELS = 1000
+# CLIP reads 77 tokens at most; a longer label is cut here so it is shown as it was read.
+MAX_LABEL_CHARS = 300
 LABEL_CACHE_SIZE = 64
 
 
 def parse_labels(text: str | list[str], max_labels: int = DEFAULT_MAX_LABELS) -> list[str]:
-    """Split comma- or newline-separated labels: stripped, de-duplicated, empties dropped.
+    """Split comma- or newline-separated labels: stripped, de-duplicated, empties dropped,
+    each cut to ``MAX_LABEL_CHARS``.
 
     Raises ``ValueError`` when no label is left or there are more than ``max_labels``.
     """
     parts = text if isinstance(text, (list, tuple)) else re.split(r"[,\n，、]", text or "")
-    labels = list(dict.fromkeys(" ".join(str(p).split()) for p in parts))
+    labels = list(dict.fromkeys(" ".join(str(p).split())[:MAX_LABEL_CHARS].strip() for p in parts))
     labels = [label for label in labels if label]
     if not labels:
         raise ValueError("no labels given: type class names separated by commas or new lines")

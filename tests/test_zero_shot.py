@@ -9,6 +9,7 @@ from tests.conftest import FakeEncoder, solid
 def test_labels_are_split_stripped_deduplicated():
     assert parse_labels(" cat, dog\nbird ,, cat\n\n  red   car ") == ["cat", "dog", "bird", "red car"]
     assert parse_labels("猫，狗、鸟") == ["猫", "狗", "鸟"]
+    assert parse_labels("x" * 5000 + ", y") == ["x" * 300, "y"]
 
 
 @pytest.mark.parametrize("text", ["", " , \n ,", None])
