@@ -4,6 +4,7 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from PIL import Image
 
 import app
 from library import FeatureLibrary
@@ -83,3 +84,24 @@ def test_errors_reach_the_client_as_messages_and_change_nothing(served):
         client.predict("  ", 3, api_name="/search_text")
     assert library.files == before
     assert len(client.predict("coffee", 4, api_name="/search_text")) == 4  # still serving
+
+
+def test_uploads_over_the_size_limit_are_refused(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    library = FeatureLibrary(demo_photos(tmp_path / "images"), tmp_path / "f.pth", tiny_model,
+                             progress=False)
+    demo = app.build_demo(library)
+    options = app.launch_options(app.parse_args(["--host", "127.0.0.1"]), library,
+                                 app.Limits(max_upload_mb=1))
+    demo.queue().launch(prevent_thread_lock=True, quiet=True, **options)
+    big = tmp_path / "big.bmp"
+    Image.effect_noise((800, 600), 60).convert("RGB").save(big)  # about 1.4 MB
+    client = Client(demo.local_url, verbose=False)
+    try:
+        with pytest.raises(Exception, match="maximum file size"):
+            client.predict([handle_file(str(big))], api_name="/add_images")
+        assert len(library) == 4
+    finally:
+        client.close()
+        demo.close()
+        library.close()
