@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands defined in their own modules (batch retrieval, evaluation, figures)."""
-    return []
+    from . import batch, evaluate, figures
+
+    return [batch.register, evaluate.register, figures.register]
 
 
 def main(argv: list[str] | None = None) -> int:
