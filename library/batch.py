@@ -207,10 +207,7 @@ def image_set(args: argparse.Namespace, model) -> ImageSet:
     library = open_library(args, model)
     try:
         report = library.last_sync
-        # The file stores float16: rounding fresh rows the same way makes the first run's
-        # scores identical to those of every later run.
-        features = library.features.half().float()
-        return ImageSet(library.files, features, list(report.refused), report.duplicates,
+        return ImageSet(library.files, library.features, list(report.refused), report.duplicates,
                         report.indexed)
     finally:
         library.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import urllib.error
 import warnings
 from collections import OrderedDict
@@ -22,6 +23,11 @@ DEFAULT_MODEL = "ViT-B/32"
 DEFAULT_CACHE_DIR = Path("~/.cache/clip").expanduser()
 PREPROCESS_MODES = ("crop", "pad")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# "auto" picks bf16 on a CPU with native bf16 arithmetic (AVX512-BF16 or AMX) only for a vision
+# tower at least this large: ViT-B/32's (88M parameters) runs several times faster in bf16
+# there (see bench/README.md), while a toy model gains nothing and fp32 keeps it exact.
+AUTO_BF16_MIN_PARAMS = 10_000_000
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Texts are cached one by one, so a repeated query or label set costs no text-tower pass.
 TEXT_CACHE_SIZE = 4096
 
@@ -40,7 +46,10 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, *,
     spec : a name from ``clip.available_models()`` (downloaded into ``~/.cache/clip``) or a
         path to a checkpoint: an OpenAI TorchScript archive or a plain ``state_dict`` file.
     device : ``"cuda"``, ``"cpu"`` or ``None`` for CUDA when present.
-    precision : ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    precision : ``"auto"`` (fp16 on CUDA; bf16 on a CPU with native bf16 arithmetic, see
+        :func:`cpu_supports_bf16`; fp32 otherwise), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        Below fp32 the weights are converted once (LayerNorms stay fp32, as in OpenAI's fp16
+        models); every embedding still comes out as float32.
     preprocess : ``"crop"`` (CLIP's centre crop) or ``"pad"`` (pad to a square first).
 
     Raises
@@ -119,22 +128,36 @@ def pad_to_square(image: Image.Image) -> Image.Image:
     return canvas
 
 
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX), not by emulation."""
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(native and torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private helpers: absent in another torch version
+        return False
+
+
 class ClipEncoder:
-    """CLIP's two towers behind a small API: L2-normalised float32 ``Tensor[N, D]`` out."""
+    """CLIP's two towers behind a small API: L2-normalised float32 ``Tensor[N, D]`` out.
+
+    Below fp32 the model's weights are converted in place (see :func:`load_model`).
+    """
 
     def __init__(self, model: torch.nn.Module, identity: str, *, device: str = "cpu",
                  precision: str = "auto", preprocess_mode: str = "crop"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-        self.model = model.to(device).eval()
         self.device = torch.device(device)
-        self.precision = _resolve_precision(precision, self.device)
+        self.precision = _resolve_precision(precision, self.device, model)
+        self.model = _convert_weights(model.to(self.device).eval(), _DTYPES[self.precision])
         self.preprocess_mode = preprocess_mode
         self.identity = identity if preprocess_mode == "crop" else f"{identity}+pad"
         self.dim = int(model.text_projection.shape[1])
         self.context_length = int(model.context_length)
         self._transform = clip.clip._transform(model.visual.input_resolution)
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_lock = threading.Lock()  # the app encodes from several threads
 
     def __repr__(self) -> str:
         return (f"ClipEncoder({self.identity!r}, device={self.device.type!r}, "
@@ -154,41 +177,38 @@ class ClipEncoder:
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Embed a preprocessed batch ``Tensor[N, 3, H, W]``."""
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             features = self.model.encode_image(pixels.to(self.device))
         return _normalise(features)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Embed texts with CLIP's tokenizer; longer than 77 tokens is truncated, not an error."""
         texts = list(texts)
-        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
-        for start in range(0, len(missing), batch_size):
-            batch = missing[start:start + batch_size]
-            for text, row in zip(batch, self._encode_text_batch(batch)):
-                self._remember(text, row)
         if not texts:
             return torch.empty(0, self.dim)
-        rows = [self._text_cache[t] for t in texts]
-        for text in texts:
-            self._text_cache.move_to_end(text)
-        return torch.stack(rows)
-
-    def _remember(self, text: str, row: torch.Tensor) -> None:
-        self._text_cache[text] = row
-        while len(self._text_cache) > TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
+        found: dict[str, torch.Tensor] = {}
+        with self._cache_lock:
+            for text in texts:
+                if text in self._text_cache:
+                    self._text_cache.move_to_end(text)
+                    found[text] = self._text_cache[text]
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        for start in range(0, len(missing), batch_size):
+            batch = missing[start:start + batch_size]
+            rows = self._encode_text_batch(batch)
+            found.update(zip(batch, rows))
+            with self._cache_lock:
+                for text, row in zip(batch, rows):
+                    self._text_cache[text] = row
+                while len(self._text_cache) > TEXT_CACHE_SIZE:
+                    self._text_cache.popitem(last=False)
+        return torch.stack([found[t] for t in texts])
 
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         tokens = clip.tokenize(texts, context_length=self.context_length, truncate=True)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             features = encode_tokens(self.model, tokens.to(self.device))
         return _normalise(features)
-
-    def _autocast(self):
-        if self.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
 
 
 def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -219,8 +239,38 @@ def _normalise(features: torch.Tensor) -> torch.Tensor:
     return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _resolve_precision(precision: str, device: torch.device) -> str:
+def _resolve_precision(precision: str, device: torch.device, model: torch.nn.Module) -> str:
     if precision != "auto":
         return precision
-    return "fp16" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":
+        return "fp16"
+    vision_params = sum(p.numel() for p in model.visual.parameters())
+    if device.type == "cpu" and vision_params >= AUTO_BF16_MIN_PARAMS and cpu_supports_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def _convert_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """CLIP's own ``convert_weights`` for any dtype: matmul weights only, norms stay fp32."""
+    if dtype == torch.float32:
+        return model
+
+    def convert(layer: torch.nn.Module) -> None:
+        if isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+            layer.weight.data = layer.weight.data.to(dtype)
+            if layer.bias is not None:
+                layer.bias.data = layer.bias.data.to(dtype)
+        if isinstance(layer, torch.nn.MultiheadAttention):
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                         "in_proj_bias", "bias_k", "bias_v"):
+                tensor = getattr(layer, name)
+                if tensor is not None:
+                    tensor.data = tensor.data.to(dtype)
+        for name in ("text_projection", "proj"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                tensor.data = tensor.data.to(dtype)
+
+    model.apply(convert)
+    return model
 

@@ -31,7 +31,9 @@ def assert_aligned(library):
         assert path.is_file()
         expected = library.model.encode_pixels(
             library.model.preprocess(__import__("PIL.Image").Image.open(path))[None])[0]
-        assert torch.allclose(state["features"][i].float(), expected, atol=2e-3)
+        # Stored as float16; on a CPU with native bf16 the in-memory matrix is bf16 (8 bits of
+        # mantissa), so a value near 1 may be off by up to 2**-8.
+        assert torch.allclose(state["features"][i].float(), expected, atol=4e-3)
 
 
 def test_add_search_reopen_keeps_rows_aligned(tmp_path):

@@ -71,3 +71,13 @@ def test_text_embeddings_are_cached_per_text(tiny_model, monkeypatch):
     monkeypatch.setattr(tiny_model, "_encode_text_batch",
                         lambda texts: pytest.fail(f"re-encoded {texts}"))
     assert tiny_model.encode_texts(["a cached query"]).shape == (1, tiny_model.dim)
+
+
+def test_more_texts_than_the_cache_holds_in_one_call(tiny_model, monkeypatch):
+    import library.model
+    monkeypatch.setattr(library.model, "TEXT_CACHE_SIZE", 10)
+    texts = [f"label number {i}" for i in range(25)]
+    features = tiny_model.encode_texts(texts, batch_size=7)
+    assert features.shape == (25, tiny_model.dim)
+    assert torch.allclose(features[20], tiny_model.encode_texts(["label number 20"])[0], atol=1e-6)
+    assert len(tiny_model._text_cache) <= 10

@@ -1,0 +1,1 @@
+"""Benchmarks for the performance targets (see bench/README.md)."""
