@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -7,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from library import load_model
+from library import FeatureLibrary, load_model
 from library.testing import save_checkpoint
 
+DEMO = Path(__file__).resolve().parents[1] / "demo"
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
            "yellow": (1.0, 1.0, 0.0), "white": (1.0, 1.0, 1.0)}
 
@@ -80,3 +83,43 @@ def tiny_torchscript_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     return load_model(tiny_checkpoint, "cpu")
+
+
+def demo_photos(folder, names=("chelsea_cat.png", "coffee.png", "rocket.jpg", "flower.jpg")):
+    """Copy a few of the starter photos into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(DEMO / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def demo_library(tmp_path, tiny_model):
+    """A library of four starter photos, embedded by the tiny model."""
+    library = FeatureLibrary(demo_photos(tmp_path / "images"), tmp_path / "features_library.pth",
+                             tiny_model, progress=False)
+    yield library
+    library.close()
+
+
+@pytest.fixture
+def launch_app(tmp_path, monkeypatch):
+    """``launch_app(library, limits=None, concurrency=1) -> url``: the app, served on localhost
+    until the test ends."""
+    import app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demos = []
+
+    def launch(library, limits=None, concurrency=1):
+        limits = limits or app.Limits()
+        demo = app.build_demo(library, limits=limits)
+        options = app.launch_options(app.parse_args(["--host", "127.0.0.1"]), library, limits)
+        demo.queue(default_concurrency_limit=concurrency).launch(
+            prevent_thread_lock=True, quiet=True, **options)
+        demos.append(demo)
+        return demo.local_url
+
+    yield launch
+    for demo in demos:
+        demo.close()

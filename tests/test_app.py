@@ -1,7 +1,6 @@
 """The app's handlers as plain functions, and the whole app through gradio_client."""
 
 import re
-import shutil
 from pathlib import Path
 
 import gradio as gr
@@ -11,26 +10,9 @@ import torch
 import app
 from app import Handlers, Limits, build_demo
 from library import FeatureLibrary
-from tests.conftest import FakeEncoder, distinct_image, solid
+from tests.conftest import FakeEncoder, demo_photos, distinct_image, solid
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "demo"
 CAPTION = re.compile(r"^-?\d+\.\d{3} · (.+)$")
-
-
-def demo_photos(folder, names=("chelsea_cat.png", "coffee.png", "rocket.jpg", "flower.jpg")):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copy(DEMO / name, folder / name)
-    return folder
-
-
-@pytest.fixture
-def tiny_library(tmp_path, tiny_model):
-    library = FeatureLibrary(demo_photos(tmp_path / "images"), tmp_path / "features_library.pth",
-                             tiny_model, progress=False)
-    yield library
-    library.close()
 
 
 @pytest.fixture
@@ -55,8 +37,8 @@ def upload(tmp_path, image, name):
     return str(path)
 
 
-def test_classify_returns_top5_and_adds_the_image_once(tiny_library, tmp_path):
-    handlers = Handlers(tiny_library)
+def test_classify_returns_top5_and_adds_the_image_once(demo_library, tmp_path):
+    handlers = Handlers(demo_library)
     image = upload(tmp_path, distinct_image(7, (64, 48)), "holiday.png")
     labels = "cat, dog, rocket, coffee, flower, galaxy, coins"
     probabilities, status = handlers.classify(image, labels, True)
@@ -64,12 +46,12 @@ def test_classify_returns_top5_and_adds_the_image_once(tiny_library, tmp_path):
     values = list(probabilities.values())
     assert values == sorted(values, reverse=True) and all(0 <= v <= 1 for v in values)
     assert set(probabilities) <= set(parse(labels))
-    assert "added to the library" in status and len(tiny_library) == 5
+    assert "added to the library" in status and len(demo_library) == 5
     new_file = re.search(r"\*\*(.+)\*\*", status).group(1)
-    assert new_file.endswith("-holiday.png") and new_file in saved_files(tiny_library)
+    assert new_file.endswith("-holiday.png") and new_file in saved_files(demo_library)
 
     again, status = handlers.classify(image, labels, True)
-    assert "Already in the library" in status and len(tiny_library) == 5
+    assert "Already in the library" in status and len(demo_library) == 5
     assert again == pytest.approx(probabilities)
 
 

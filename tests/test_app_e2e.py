@@ -7,25 +7,15 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from library import FeatureLibrary
 from tests.conftest import distinct_image
-from tests.test_app import CAPTION, demo_photos
+from tests.test_app import CAPTION
 
 
 @pytest.fixture
-def served(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    library = FeatureLibrary(demo_photos(tmp_path / "images"), tmp_path / "features_library.pth",
-                             tiny_model, progress=False)
-    demo = app.build_demo(library)
-    args = app.parse_args(["--host", "127.0.0.1"])
-    demo.queue().launch(prevent_thread_lock=True, quiet=True,
-                        **app.launch_options(args, library, app.Limits()))
-    client = Client(demo.local_url, verbose=False)
-    yield client, library, tmp_path
+def served(demo_library, launch_app, tmp_path):
+    client = Client(launch_app(demo_library), verbose=False)
+    yield client, demo_library, tmp_path
     client.close()
-    demo.close()
-    library.close()
 
 
 def test_every_named_endpoint_through_gradio_client(served):
@@ -86,22 +76,11 @@ def test_errors_reach_the_client_as_messages_and_change_nothing(served):
     assert len(client.predict("coffee", 4, api_name="/search_text")) == 4  # still serving
 
 
-def test_uploads_over_the_size_limit_are_refused(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    library = FeatureLibrary(demo_photos(tmp_path / "images"), tmp_path / "f.pth", tiny_model,
-                             progress=False)
-    demo = app.build_demo(library)
-    options = app.launch_options(app.parse_args(["--host", "127.0.0.1"]), library,
-                                 app.Limits(max_upload_mb=1))
-    demo.queue().launch(prevent_thread_lock=True, quiet=True, **options)
+def test_uploads_over_the_size_limit_are_refused(demo_library, launch_app, tmp_path):
+    client = Client(launch_app(demo_library, app.Limits(max_upload_mb=1)), verbose=False)
     big = tmp_path / "big.bmp"
     Image.effect_noise((800, 600), 60).convert("RGB").save(big)  # about 1.4 MB
-    client = Client(demo.local_url, verbose=False)
-    try:
-        with pytest.raises(Exception, match="maximum file size"):
-            client.predict([handle_file(str(big))], api_name="/add_images")
-        assert len(library) == 4
-    finally:
-        client.close()
-        demo.close()
-        library.close()
+    with pytest.raises(Exception, match="maximum file size"):
+        client.predict([handle_file(str(big))], api_name="/add_images")
+    client.close()
+    assert len(demo_library) == 4

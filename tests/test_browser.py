@@ -7,8 +7,6 @@ import shutil
 import pytest
 
 import app
-from library import FeatureLibrary
-from tests.test_app import demo_photos
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -22,20 +20,6 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture
-def page_url(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    library = FeatureLibrary(demo_photos(tmp_path / "images"), tmp_path / "features_library.pth",
-                             tiny_model, progress=False)
-    demo = app.build_demo(library)
-    args = app.parse_args(["--host", "127.0.0.1"])
-    demo.queue().launch(prevent_thread_lock=True, quiet=True,
-                        **app.launch_options(args, library, app.Limits()))
-    yield demo.local_url, library
-    demo.close()
-    library.close()
-
-
-@pytest.fixture
 def browser_page():
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
@@ -44,8 +28,9 @@ def browser_page():
         browser.close()
 
 
-def test_classify_and_text_search_in_a_real_browser(page_url, browser_page, tmp_path):
-    url, library = page_url
+def test_classify_and_text_search_in_a_real_browser(demo_library, launch_app, browser_page, tmp_path):
+    library = demo_library
+    url = launch_app(library)
     page = browser_page
     page.goto(url)
     page.get_by_role("tab", name="Classify").wait_for()

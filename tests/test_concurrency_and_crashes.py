@@ -14,26 +14,15 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 
-import app
 from library import FeatureLibrary, load_model
 from tests.conftest import distinct_image
-from tests.test_app import demo_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def served(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    library = FeatureLibrary(demo_photos(tmp_path / "images"), tmp_path / "features_library.pth",
-                             tiny_model, progress=False)
-    demo = app.build_demo(library)
-    args = app.parse_args(["--host", "127.0.0.1"])
-    demo.queue(default_concurrency_limit=4).launch(
-        prevent_thread_lock=True, quiet=True, **app.launch_options(args, library, app.Limits()))
-    yield demo.local_url, library, tmp_path
-    demo.close()
-    library.close()
+def served(demo_library, launch_app, tmp_path):
+    return launch_app(demo_library, concurrency=4), demo_library, tmp_path
 
 
 def assert_library_consistent(library):
