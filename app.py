@@ -27,7 +27,7 @@ from library import (
     parse_labels,
 )
 from library.images import DEFAULT_MAX_PIXELS
-from library.model import DEFAULT_MODEL, PRECISIONS
+from library.model import DEFAULT_MODEL, PRECISIONS, PREPROCESS_MODES
 
 DEFAULT_LABELS = ("cat, dog, cup of coffee, rocket, astronaut, flower, motorcycle, palace, "
                   "galaxy, coins")
@@ -36,13 +36,17 @@ CAPTION_SEPARATOR = " · "
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for. Every limit is an option of ``app.py``."""
+    """What a request may ask for, and how large the library may grow.
+
+    The first six are options of ``app.py`` (``--max-upload-mb`` ...); the rest are fixed.
+    """
 
     max_upload_mb: int = 20
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_labels: int = 64
     max_k: int = 50
     max_files_per_add: int = 100
+    max_library_images: int = 100_000
     # CLIP reads 77 tokens; these caps keep a huge paste cheap to parse.
     max_query_chars: int = 1000
     max_label_text_chars: int = 200_000
@@ -92,9 +96,9 @@ class Handlers:
             if stored is not None and stored.status == "refused":
                 raise ImageLoadError(stored.name, stored.reason)
             feature = (self.library.feature(stored.entry.file) if stored is not None
-                       else self._embed(image))
+                       else self.library.embed(image)[1])
             ranked = self.classifier.classify(feature, label_list, ensemble=bool(ensemble))
-        except (ImageLoadError, ValueError, LibraryError) as exc:
+        except (ImageLoadError, ValueError, LibraryError, OSError) as exc:
             raise gr.Error(str(exc)) from None
         if stored is None:
             status = "Read-only mode: the image was classified but not stored."
@@ -135,9 +139,12 @@ class Handlers:
             raise gr.Error(f"{len(paths)} files given; at most {self.limits.max_files_per_add} "
                            "can be added at once.")
         progress(0, desc="Adding images")
-        results = self.library.add_many(
-            [(Path(p).name, p) for p in paths],
-            progress=lambda done, total: progress(done / total, desc=f"Adding images {done}/{total}"))
+        try:
+            results = self.library.add_many(
+                [(Path(p).name, p) for p in paths],
+                progress=lambda done, total: progress(done / total, desc=f"Adding images {done}/{total}"))
+        except (LibraryError, OSError) as exc:
+            raise gr.Error(f"The images could not be stored: {exc}") from None
         counts = {status: sum(r.status == status for r in results)
                   for status in ("added", "duplicate", "refused")}
         lines = [f"{counts['added']} added, {counts['duplicate']} already in the library, "
@@ -166,10 +173,6 @@ class Handlers:
             return 1, pages
 
     # -- helpers
-    def _embed(self, image: str):
-        prepared = self.library.prepare(image)
-        return self.library.model.encode_pixels(prepared.pixels[None])[0]
-
     def _parse_k(self, k) -> int:
         try:
             value = float(k)
@@ -188,8 +191,9 @@ def build_demo(library: FeatureLibrary, classifier: ZeroShotClassifier | None = 
                read_only: bool = False, limits: Limits = Limits()) -> gr.Blocks:
     """The app's interface over ``library``; launching is left to the caller."""
     handlers = Handlers(library, classifier, read_only=read_only, limits=limits)
-    # Library files never change once written (their names come from their hash), so gradio
-    # may serve them in place instead of hashing and copying each result into its cache.
+    # Library files are never rewritten (uploads get names from their hash; a changed file
+    # dropped into the folder is a new name or a re-index), so gradio may serve them in place
+    # instead of hashing and copying every result into its cache.
     gr.set_static_paths([library.image_dir])
     k_slider = dict(minimum=1, maximum=limits.max_k, value=6, step=1, label="Number of results (k)")
     # delete_cache: gradio's copies of uploads are removed after an hour.
@@ -286,12 +290,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--preprocess", choices=PREPROCESS_MODES, default="crop",
+                        help="crop: CLIP's centre crop; pad: pad to a square first")
     defaults = Limits()
     parser.add_argument("--max-upload-mb", type=int, default=defaults.max_upload_mb)
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels)
     parser.add_argument("--max-labels", type=int, default=defaults.max_labels)
     parser.add_argument("--max-k", type=int, default=defaults.max_k)
     parser.add_argument("--max-files-per-add", type=int, default=defaults.max_files_per_add)
+    parser.add_argument("--max-library-images", type=int, default=defaults.max_library_images,
+                        help="adds beyond this many images are refused (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -299,11 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                     max_labels=args.max_labels, max_k=args.max_k,
-                    max_files_per_add=args.max_files_per_add)
+                    max_files_per_add=args.max_files_per_add,
+                    max_library_images=args.max_library_images)
     try:
-        model = load_model(args.model, args.device, precision=args.precision)
+        model = load_model(args.model, args.device, precision=args.precision,
+                           preprocess=args.preprocess)
         library = FeatureLibrary(args.images, args.features, model, read_only=args.read_only,
-                                 max_pixels=limits.max_pixels)
+                                 max_pixels=limits.max_pixels, max_images=limits.max_library_images)
     except (ModelLoadError, LibraryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -102,12 +102,9 @@ def load_image(source: ImageSource, *, name: str | None = None,
     return read_image(source, name=name, max_pixels=max_pixels).image
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode bytes into an RGB image: first frame, EXIF orientation applied, alpha on white."""
-    return _decode(data, name, max_pixels)[0]
-
-
 def _decode(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str]:
+    """Decode bytes into an RGB image (first frame, EXIF orientation applied, alpha on white)
+    and name its format."""
     if not data:
         raise ImageLoadError(name, "the file is empty (0 bytes)")
     try:
@@ -151,9 +148,10 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
 def _to_uint8(values: np.ndarray) -> np.ndarray:
     # 16-bit and 32-bit greyscale: Pillow's convert("L") clips at 255 instead of
     # scaling, which turns most 16-bit photos white.
+    is_float = values.dtype.kind == "f"
     values = values.astype(np.float64)
     top = values.max(initial=0.0)
-    if top <= 1.0 and values.dtype.kind == "f":
+    if top <= 1.0 and is_float:
         scale = 255.0
     elif top <= 255:
         scale = 1.0

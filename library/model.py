@@ -235,8 +235,10 @@ def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _normalise(features: torch.Tensor) -> torch.Tensor:
+    # Embeddings leave the encoder as float32 on the CPU, wherever the model runs: the store,
+    # the journal and the label cache then never meet a CUDA tensor.
     features = features.float()
-    return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu()
 
 
 def _resolve_precision(precision: str, device: torch.device, model: torch.nn.Module) -> str:

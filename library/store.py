@@ -21,7 +21,7 @@ In memory the features are one bf16 matrix on a CPU with native bf16 arithmetic 
 memory of float32 and twice the speed of a scan, which is bound by memory bandwidth), float32
 elsewhere. A search scans it with one matrix-vector product, then re-scores the few rows
 that the scan's rounding could have misplaced in float32, so the ranking is exact for the
-vectors held. Rows held in bf16 keep 8 bits of mantissa (a relative error of at most 2**-9,
+vectors held. Rows held in bf16 keep 8 significant bits (a relative error of at most 2**-8,
 below the bf16 model's own deviation from fp32) and are saved with that precision.
 """
 
@@ -53,11 +53,13 @@ TEMP_MARKER = ".tmp-"
 # let the journal grow to COMPACT_FRACTION of their rows first.
 SMALL_LIBRARY_ROWS = 10_000
 COMPACT_FRACTION = 0.05
-# A bf16 scan rounds the query and each score to 8 significant bits: for unit vectors each
-# rounding moves a score by at most 2**-9, so every row within twice that of the k-th best
-# is re-scored in float32 (at most RERANK_LIMIT rows).
-SCAN_MARGIN = 4 * 2.0 ** -9
+# A bf16 scan rounds the query and each score to 8 significant bits (unit roundoff 2**-8):
+# for unit vectors each rounding moves a score by at most 2**-8, two roundings per score and
+# two scores per comparison, so every row within 4 * 2**-8 of the k-th best is re-scored in
+# float32 (at most RERANK_LIMIT rows).
+SCAN_MARGIN = 4 * 2.0 ** -8
 RERANK_LIMIT = 4096
+_TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")  # what _atomic_write names its files
 _RECORD_MAGIC = b"CLJ1"
 _RECORD_HEAD = struct.Struct("<4sII")  # magic, payload length, crc32 of payload
 
@@ -122,13 +124,14 @@ class FeatureLibrary:
         ``identity``, ``dim``, ``preprocess``, ``encode_pixels`` and ``encode_texts``).
     read_only : never write to disk; new images are indexed in memory only.
     sync : index unindexed images and drop vanished ones now (see :meth:`sync`).
+    max_images : adds beyond this many images are refused (a quota for a public app).
     dtype : the in-memory feature dtype; default :func:`default_feature_dtype`.
     """
 
     def __init__(self, image_dir: str | os.PathLike, features_path: str | os.PathLike | None = None,
                  model=None, *, read_only: bool = False, sync: bool = True, progress: bool = True,
                  batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 dtype: torch.dtype | None = None):
+                 max_images: int | None = None, dtype: torch.dtype | None = None):
         if model is None:
             raise ValueError("FeatureLibrary needs a model (see library.load_model)")
         self.image_dir = Path(image_dir).resolve()
@@ -138,6 +141,7 @@ class FeatureLibrary:
         self.read_only = read_only
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.max_images = max_images
         self._lock = threading.RLock()
         self._files: list[str] = []
         self._sha: list[str] = []
@@ -194,9 +198,6 @@ class FeatureLibrary:
             raise KeyError(f"{file!r} is not in the library")
         return self._entry(file)
 
-    def has_image(self, sha256: str) -> bool:
-        return sha256 in self._row_of_sha
-
     def feature(self, file: str) -> torch.Tensor:
         """The stored float32 embedding of one library image."""
         with self._lock:
@@ -215,9 +216,13 @@ class FeatureLibrary:
                      name: str | None = None) -> list[Entry]:
         """The ``k`` library images most similar to ``image``; the image itself is left out."""
         k = check_k(k)
-        prepared = self.prepare(image, name)
-        feature = self.model.encode_pixels(prepared.pixels[None])[0]
+        prepared, feature = self.embed(image, name)
         return self.search_vector(feature, k, exclude_sha=prepared.sha256 if exclude_self else None)
+
+    def embed(self, image: ImageSource, name: str | None = None) -> tuple[PreparedImage, torch.Tensor]:
+        """Decode, hash and embed an image without storing it (its bytes and hash come along)."""
+        prepared = self.prepare(image, name)
+        return prepared, self.model.encode_pixels(prepared.pixels[None])[0]
 
     def search_vector(self, vector: torch.Tensor, k: int, *, exclude_sha: str | None = None) -> list[Entry]:
         """Rank the library by cosine similarity with an L2-normalised vector."""
@@ -282,11 +287,13 @@ class FeatureLibrary:
             row = self._row_of_file.get(file)
             if row is None:
                 raise KeyError(f"{file!r} is not in the library")
+            # The file goes first: after a crash, a row without its file is dropped at the next
+            # start, while a file without its row would be indexed again.
+            (self.image_dir / file).unlink(missing_ok=True)
             keep = [i for i in range(self._count) if i != row]
             self._replace_rows([self._files[i] for i in keep], [self._sha[i] for i in keep],
                                self._matrix[keep])
             self.save()
-            (self.image_dir / file).unlink(missing_ok=True)
 
     def sync(self, progress: bool = True) -> SyncReport:
         """Drop rows whose image is gone; embed images not yet indexed ("first sight").
@@ -296,12 +303,11 @@ class FeatureLibrary:
         report = SyncReport()
         with self._lock:
             on_disk = set(self._scan_folder())
-            if self._stored_identity not in (None, self.model.identity) and self._count:
-                log.warning("%s was made with %s; re-embedding %d images with %s",
-                            self.features_path.name, self._stored_identity, self._count,
-                            self.model.identity)
+            if self._stored_identity not in (None, self.model.identity):
+                # _load kept none of its rows: every image is embedded again below.
+                log.warning("%s was made with %s; re-embedding every image with %s",
+                            self.features_path.name, self._stored_identity, self.model.identity)
                 report.reembedded = True
-                self._replace_rows([], [], torch.empty(0, self.model.dim))
             keep = [i for i in range(self._count) if self._files[i] in on_disk]
             report.dropped = self._count - len(keep)
             if report.dropped:
@@ -379,7 +385,13 @@ class FeatureLibrary:
             row = self._row_of_sha.get(prepared.sha256)
             if row is not None:
                 return AddResult(prepared.name, "duplicate", self._entry(self._files[row]))
-            file = self._write_image(prepared)
+            if self.max_images is not None and self._count >= self.max_images:
+                return AddResult(prepared.name, "refused",
+                                 reason=f"the library is full ({self.max_images:,} images)")
+            try:
+                file = self._write_image(prepared)
+            except (OSError, LibraryError) as exc:  # e.g. a full disk: this image only
+                return AddResult(prepared.name, "refused", reason=f"could not be stored ({exc})")
             self._append(file, prepared.sha256, feature)
             self._journal_append(file, prepared.sha256, feature)
             return AddResult(prepared.name, "added", self._entry(file))
@@ -451,25 +463,36 @@ class FeatureLibrary:
                 log.warning("cannot list %s (%s)", folder, exc)
 
     def _remove_temporary_files(self) -> None:
-        for folder in {self.image_dir, self.features_path.parent}:
-            for path in folder.glob(f"*{TEMP_MARKER}*"):
-                if path.is_file():
-                    path.unlink()
+        """Delete what an interrupted :func:`_atomic_write` left: its names, and only those."""
+        leftovers = [p for p in self.image_dir.glob(f".*{TEMP_MARKER}*") if _TEMP_NAME.match(p.name)]
+        leftovers += self.features_path.parent.glob(f".{self.features_path.name}{TEMP_MARKER}*")
+        for path in leftovers:
+            if path.is_file() and _TEMP_NAME.match(path.name):
+                path.unlink()
 
     def _load(self) -> str | None:
-        """Read the tensor file and replay the journal; return the stored model identity."""
+        """Read the tensor file and replay the journal; return the tensor file's model identity.
+
+        Rows made by another model (or of another size) are not loaded: :meth:`sync` embeds
+        those images again rather than mixing two models' vectors.
+        """
         identity = None
         if self.features_path.exists():
             state = _read_state(self.features_path)
             identity = state["model"]
-            self._replace_rows(state["files"], state["sha256"], state["features"])
-        for record, feature in _read_journal(self.journal_path, self.model.dim):
+            if identity == self.model.identity and state["features"].shape[1] == self.model.dim:
+                self._replace_rows(state["files"], state["sha256"], state["features"])
+        records, good_length, torn = _read_journal(self.journal_path, self.model.dim)
+        for record, feature in records:
             self._journal_rows += 1
-            if identity not in (None, record["model"]):
-                continue  # written by another model: first sight re-embeds the image
-            identity = record["model"]
-            if record["sha256"] not in self._row_of_sha and record["file"] not in self._row_of_file:
+            if (record["model"] == self.model.identity and record["sha256"] not in self._row_of_sha
+                    and record["file"] not in self._row_of_file):
                 self._append(record["file"], record["sha256"], feature)
+        if torn and not self.read_only:
+            # Cut the torn tail off, or every record appended after it would be unreadable.
+            with open(self.journal_path, "r+b") as handle:
+                handle.truncate(good_length)
+                os.fsync(handle.fileno())
         return identity
 
     def _journal_append(self, file: str, sha256: str, feature: torch.Tensor) -> None:
@@ -568,29 +591,34 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def _read_journal(path: Path, dim: int) -> Iterator[tuple[dict, torch.Tensor]]:
-    """Yield the journal's complete records; stop at a torn or corrupt tail."""
+def _read_journal(path: Path, dim: int) -> tuple[list[tuple[dict, torch.Tensor]], int, bool]:
+    """The journal's complete records, the byte length they fill, and whether a torn or
+    corrupt tail follows them (a crash in the middle of an append)."""
     if not path.exists():
-        return
+        return [], 0, False
     data = path.read_bytes()
-    offset = 0
-    while offset + _RECORD_HEAD.size <= len(data):
+    records, offset = [], 0
+    while offset < len(data):
+        if offset + _RECORD_HEAD.size > len(data):
+            break
         magic, length, crc = _RECORD_HEAD.unpack_from(data, offset)
         payload = data[offset + _RECORD_HEAD.size: offset + _RECORD_HEAD.size + length]
         if magic != _RECORD_MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
-            log.warning("ignoring a torn record at byte %d of %s", offset, path.name)
-            return
+            break
         (head_length,) = struct.unpack_from("<I", payload)
         record = json.loads(payload[4:4 + head_length])
         feature = torch.frombuffer(bytearray(payload[4 + head_length:]), dtype=torch.float32)
         if feature.numel() == dim:
-            yield record, feature
+            records.append((record, feature))
         offset += _RECORD_HEAD.size + length
+    if offset < len(data):
+        log.warning("ignoring a torn record at byte %d of %s", offset, path.name)
+    return records, offset, offset < len(data)
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
     """Write through a temporary file, fsync, then ``os.replace``: old or new, never torn."""
-    temporary = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
+    temporary = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")  # see _TEMP_NAME
     try:
         with open(temporary, "wb") as handle:
             write(handle)

@@ -208,3 +208,18 @@ def test_main_exits_with_the_clear_message_when_weights_cannot_download(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "ViT-B/32" in err and "--model PATH" in err and "Traceback" not in err
     assert not (tmp_path / "f.pth").exists()
+
+
+def test_preprocess_and_library_quota_options():
+    args = app.parse_args(["--preprocess", "pad", "--max-library-images", "5"])
+    assert args.preprocess == "pad" and args.max_library_images == 5
+
+
+def test_a_full_library_refuses_adds_with_a_reason(tmp_path):
+    library = FeatureLibrary(tmp_path / "images", tmp_path / "f.pth", FakeEncoder(), progress=False,
+                             max_images=1)
+    handlers = Handlers(library)
+    status, _ = handlers.add_images([upload(tmp_path, solid("red"), "r.png"),
+                                     upload(tmp_path, solid("blue"), "b.png")])
+    assert status.startswith("1 added, 0 already in the library, 1 refused.")
+    assert "the library is full (1 images)" in status

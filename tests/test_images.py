@@ -141,3 +141,9 @@ def test_missing_file_and_folder_are_clear_errors(tmp_path):
         load_image(tmp_path / "nope.jpg")
     with pytest.raises(ImageLoadError, match="folder"):
         load_image(tmp_path)
+
+
+def test_integer_images_with_small_values_are_not_stretched():
+    values = np.array([[0, 1], [1, 0]], dtype=np.int32)
+    loaded = load_image(encode(Image.fromarray(values, "I"), "TIFF"))
+    assert loaded.getpixel((1, 0)) == (1, 1, 1)

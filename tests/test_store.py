@@ -294,3 +294,101 @@ def test_gallery_paging_and_iteration(tmp_path):
     assert [e.file for e in library] == added
     assert [e.file for e in library.entries(offset=3, limit=3)] == added[3:6]
     assert library.entries(offset=6, limit=10)[0].file == added[6]
+
+
+def test_a_model_of_another_size_re_embeds_instead_of_crashing(tmp_path):
+    library = open_library(tmp_path)
+    library.add(solid("red"), name="red.png")
+    library.close()
+
+    class WiderEncoder(FakeEncoder):
+        dim = 16
+
+    reopened = open_library(tmp_path, model=WiderEncoder(identity="wider-model"))
+    assert reopened.last_sync.reembedded and len(reopened) == 1
+    state = torch.load(reopened.features_path, weights_only=True)
+    assert state["features"].shape == (1, 16) and state["dim"] == 16
+
+
+def test_adds_after_a_torn_journal_tail_are_not_lost(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "SMALL_LIBRARY_ROWS", 0)
+    monkeypatch.setattr(store_module, "COMPACT_FRACTION", 100.0)  # keep rows in the journal
+    library = open_library(tmp_path)
+    library.add(solid("red"), name="red.png")
+    library.journal_path.write_bytes(library.journal_path.read_bytes() + b"CLJ1\x99torn")
+    library._journal = None  # the crashed process's handle is gone
+    # Opening without a sync (no rewrite) must still cut the torn tail off...
+    reopened = open_library(tmp_path, sync=False)
+    green = reopened.add(solid("green"), name="green.png")
+    blue = reopened.add(solid("blue"), name="blue.png")
+    # ...or these acknowledged rows would sit behind it, unreadable.
+    again = open_library(tmp_path, sync=False)
+    assert {green.file, blue.file} <= set(again.files) and len(again) == 3
+
+
+def test_only_our_temporary_files_are_cleaned_up(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    solid("red").save(folder / "holiday.tmp-edit.png")  # a user's file, whatever its name
+    (folder / ".red.png.tmp-0a1b2c3d").write_bytes(b"half an image")  # ours, from a crash
+    (tmp_path / ".features_library.pth.tmp-deadbeef").write_bytes(b"half a library")
+    (tmp_path / "notes.tmp-1").write_text("someone else's")
+    library = open_library(tmp_path)
+    assert (folder / "holiday.tmp-edit.png").exists() and "holiday.tmp-edit.png" in library
+    assert (tmp_path / "notes.tmp-1").exists()
+    assert not (folder / ".red.png.tmp-0a1b2c3d").exists()
+    assert not (tmp_path / ".features_library.pth.tmp-deadbeef").exists()
+
+
+def test_remove_deletes_the_file_before_the_row(tmp_path, monkeypatch):
+    library = open_library(tmp_path)
+    red = library.add(solid("red"), name="red.png")
+    blue = library.add(solid("blue"), name="blue.png")
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash before the rewrite")
+
+    monkeypatch.setattr(library, "save", crash)
+    with pytest.raises(OSError):
+        library.remove(red.file)
+    monkeypatch.undo()
+    reopened = open_library(tmp_path)  # the row whose file is gone is dropped, not revived
+    assert reopened.files == [blue.file] and not red.path.exists()
+
+
+def test_a_failed_write_refuses_that_image_only(tmp_path, monkeypatch):
+    library = open_library(tmp_path)
+    real_write = store_module._atomic_write
+
+    def disk_full_for_green(path, write):
+        if "-green" in path.name:
+            raise OSError(28, "No space left on device")
+        real_write(path, write)
+
+    monkeypatch.setattr(store_module, "_atomic_write", disk_full_for_green)
+    results = library.add_many([("red.png", solid("red")), ("green.png", solid("green")),
+                                ("blue.png", solid("blue"))])
+    assert [r.status for r in results] == ["added", "refused", "added"]
+    assert "No space left" in results[1].reason
+    assert len(library) == 2
+    assert_aligned(open_library(tmp_path))
+
+
+def test_quota_refuses_adds_past_max_images(tmp_path):
+    library = open_library(tmp_path, max_images=2)
+    results = library.add_many([("r.png", solid("red")), ("g.png", solid("green")),
+                                ("b.png", solid("blue")), ("r2.png", solid("red"))])
+    assert [r.status for r in results] == ["added", "added", "refused", "duplicate"]
+    assert results[2].reason == "the library is full (2 images)"
+    assert len(library) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model_adds_searches_and_classifies(tmp_path, tiny_checkpoint):
+    from library import ZeroShotClassifier, load_model
+    model = load_model(tiny_checkpoint, "cuda")
+    library = FeatureLibrary(tmp_path / "images", tmp_path / "f.pth", model, progress=False)
+    entry = library.add(solid("red"), name="red.png")
+    assert library.search_text("red", k=1)[0].file == entry.file
+    result = ZeroShotClassifier(model).classify(library.feature(entry.file), "cat, dog")
+    assert len(result) == 2

@@ -33,10 +33,15 @@ def make_image(folder: Path, seed: int) -> str:
 
 
 def user(url: str, index: int, deadline: float, write: bool, folder: Path, latencies, errors, lock):
-    client = Client(url, verbose=False, download_files=False)  # measure the server, not downloads
     rng = random.Random(index)
     query_image = make_image(folder, 10_000 + index)
     counter = 0
+    try:
+        client = Client(url, verbose=False, download_files=False)  # measure the server, not downloads
+    except Exception as exc:
+        with lock:
+            errors.append(f"connect: {type(exc).__name__}: {exc}")
+        return
     while time.monotonic() < deadline:
         kind = rng.choice(["search_text", "search_image", "classify", "gallery"]
                           + (["add_images"] if write else []))
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{1000 * percentile(values, 95):>9.0f}")
     for error in errors[:10]:
         print("error:", error)
-    return 1 if errors else 0
+    return 1 if errors or not total else 0
 
 
 if __name__ == "__main__":
