@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .embedding import embed_stream
-from .images import is_image_file
+from .images import scan_images
 
 
 @dataclass
@@ -199,13 +199,7 @@ def _read_flat(root: Path, ground_truth: Path, classes: list[str]) -> LabelledIm
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
-    if not recursive:
-        return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
-    found = []
-    for current, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(Path(current, f) for f in files if is_image_file(Path(f)))
-    return sorted(found)
+    return sorted(folder / name for name in scan_images(folder, recursive))
 
 
 def _read_text(path: Path) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +28,7 @@ SUFFIX_FOR_FORMAT = {
     "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif",
 }
 
+log = logging.getLogger(__name__)
 ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image
 
 
@@ -55,6 +58,35 @@ class LoadedImage:
 def is_image_file(path: Path) -> bool:
     """Whether a folder entry looks like an image the library should index."""
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def scan_images(folder: str | os.PathLike, recursive: bool = True) -> Iterator[str]:
+    """Relative paths (``a/b.jpg``) of the image files under ``folder``.
+
+    Hidden names and folders are skipped, and symlinked folders are not followed (as in
+    ``os.walk``). Plain string work on ``os.scandir`` entries: listing 100,000 images costs
+    a fraction of a second, not one ``Path`` object per file.
+    """
+    pending = [(os.fspath(folder), "")]
+    while pending:
+        current, prefix = pending.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name.startswith("."):
+                        continue
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:
+                        continue
+                    if is_dir:
+                        if recursive and not entry.is_symlink():
+                            pending.append((entry.path, f"{prefix}{name}/"))
+                    elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                        yield prefix + name
+        except OSError as exc:
+            log.warning("cannot list %s (%s)", current, exc)
 
 
 def read_image(source: ImageSource, *, name: str | None = None,

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .embedding import PreparedImage, embed_stream, prepare_image
-from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageLoadError, ImageSource
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, ImageSource, scan_images
 from .model import cpu_supports_bf16
 
 FORMAT_VERSION = 1
@@ -435,32 +435,12 @@ class FeatureLibrary:
         self._row_of_sha = {s: i for i, s in enumerate(shas)}
 
     def _scan_folder(self) -> Iterator[str]:
-        """Relative paths of the images under the folder (hidden names and folders skipped).
-
-        Plain string work on ``os.scandir`` entries: a start over 100,000 images costs
-        a fraction of a second, not one ``Path`` object per file.
-        """
-        features = str(self.features_path)
-        pending = [(str(self.image_dir), "")]
-        while pending:
-            folder, prefix = pending.pop()
-            try:
-                with os.scandir(folder) as entries:
-                    for entry in entries:
-                        name = entry.name
-                        if name.startswith("."):
-                            continue
-                        try:
-                            is_dir = entry.is_dir()
-                        except OSError:
-                            continue
-                        if is_dir:
-                            if not entry.is_symlink():  # as os.walk: symlinked folders not followed
-                                pending.append((entry.path, f"{prefix}{name}/"))
-                        elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and entry.path != features:
-                            yield prefix + name
-            except OSError as exc:
-                log.warning("cannot list %s (%s)", folder, exc)
+        """The images under the folder, less the feature file should it be named like one."""
+        try:
+            features = self.features_path.relative_to(self.image_dir).as_posix()
+        except ValueError:
+            features = None
+        return (name for name in scan_images(self.image_dir) if name != features)
 
     def _remove_temporary_files(self) -> None:
         """Delete what an interrupted :func:`_atomic_write` left: its names, and only those."""
