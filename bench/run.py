@@ -226,7 +226,7 @@ class Bench:
                 library.add(data, name=f"new{i}.jpg")
             latencies.append(1000 * watch.seconds)
         journal_rows = library._journal_rows
-        # A second process opening the library now replays the journal: nothing lost, aligned.
+        # A second reader (a new FeatureLibrary, as a restart would make) replays the journal.
         replayed = FeatureLibrary(folder, path, NullEncoder(), read_only=True, progress=False)
         aligned = (replayed.files == library.files and replayed.last_sync.indexed == 0
                    and torch.equal(replayed.features, library.features))

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from . import metrics
 from .cli import add_model_options, model_from_args
 from .datasets import EmbeddedImages, LabelledImages, embed_files, read_image_folder, read_labelled_images
+from .store import check_k
 from .zero_shot import LOGIT_SCALE, ZeroShotClassifier
 
 # Labels per text-encoding call: 32 labels x 80 prompts stays inside the encoder's text cache.
@@ -136,8 +137,7 @@ def evaluate_retrieval(model, dataset: LabelledImages, k: int = 5, *,
     Reports precision@k, mean average precision, the mean similarity of the top ``k`` and,
     with distractors, how many of them enter each class's top ``k``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a whole number of at least 1, not {k!r}")
+    k = check_k(k)
     embedded = embed_files(model, list(zip(dataset.names, dataset.paths)), batch_size=batch_size,
                            progress="embedding" if progress else None)
     refused = list(embedded.refused)

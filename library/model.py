@@ -81,8 +81,8 @@ def _load_named(name: str, download_root) -> torch.nn.Module:
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise ModelLoadError(
-            f"Could not load the CLIP model {name!r}: the weights are not in {root} and the "
-            f"download failed ({reason}). On a machine with network access, download "
+            f"Could not load the CLIP model {name!r}: the weights are not in {root} and could "
+            f"not be downloaded or verified ({reason}). On a machine with network access, download "
             f"{clip.clip._MODELS[name]} and place it at {root / file_name}, or start with "
             "--model PATH pointing at a local checkpoint file.") from None
     return model.float().eval()

@@ -41,7 +41,8 @@ SINGLE_TEMPLATE = "a photo of a {}."
 # The scale CLIP learned for its logits (exp of logit_scale is 100 in the released models).
 LOGIT_SCALE = 100.0
 DEFAULT_MAX_LABELS = 1000
-# CLIP reads 77 tokens at most; a longer label is cut here so it is shown as it was read.
+# CLIP reads 77 tokens at most (the tokenizer truncates); cutting a label's text first keeps a
+# huge paste cheap to tokenize and to show.
 MAX_LABEL_CHARS = 300
 LABEL_CACHE_SIZE = 64
 
