@@ -200,7 +200,7 @@ def build_demo(library: FeatureLibrary, classifier: ZeroShotClassifier | None = 
     with gr.Blocks(title="CLIP image understanding", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# CLIP image understanding\nZero-shot classification and search over "
                     f"a library of **{len(library)}** images with OpenAI's CLIP "
-                    f"(`{library.model.identity}`)."
+                    f"(`{_short_identity(library.model.identity)}`)."
                     + ("\n\n*Read-only: uploads are classified and searched, never stored.*"
                        if handlers.read_only else ""))
         with gr.Tab("Classify"):
@@ -260,6 +260,11 @@ def build_demo(library: FeatureLibrary, classifier: ZeroShotClassifier | None = 
         demo.load(handlers.gallery, None, library_gallery, api_visibility="private").then(
             handlers.gallery_title, None, gallery_title, api_visibility="private")
     return demo
+
+
+def _short_identity(identity: str) -> str:
+    # A local checkpoint is named by the SHA-256 of its bytes; twelve digits tell them apart.
+    return f"{identity[:19]}…" if identity.startswith("sha256:") else identity
 
 
 def launch_options(args: argparse.Namespace, library: FeatureLibrary, limits: Limits) -> dict:
