@@ -41,6 +41,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer per library is then on the user
+    fcntl = None
+
 from .embedding import PreparedImage, embed_stream, prepare_image
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, ImageSource, scan_images
 from .model import cpu_supports_bf16
@@ -155,9 +160,12 @@ class FeatureLibrary:
         self._journal_dirty = False
         if read_only and not self.image_dir.is_dir():
             raise LibraryError(f"image folder {self.image_dir} does not exist")
+        self._holds_writer_lock = False
         if not read_only:
             self.image_dir.mkdir(parents=True, exist_ok=True)
             self.features_path.parent.mkdir(parents=True, exist_ok=True)
+            _writer_locks.acquire(self.features_path)
+            self._holds_writer_lock = True
             self._remove_temporary_files()
         self._stored_identity = self._load()
         self.last_sync = self.sync(progress=progress) if sync else SyncReport()
@@ -356,6 +364,9 @@ class FeatureLibrary:
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None
+            if self._holds_writer_lock:
+                _writer_locks.release(self.features_path)
+                self._holds_writer_lock = False
 
     def __enter__(self) -> FeatureLibrary:
         return self
@@ -530,6 +541,48 @@ def _rescore(matrix: torch.Tensor, scores: torch.Tensor, vector: torch.Tensor,
     exact = matrix[rows].float() @ vector
     top = torch.topk(exact, min(k, len(rows)))
     return top.values.tolist(), rows[top.indices].tolist()
+
+
+class _WriterLocks:
+    """One writing process per library: an advisory ``flock`` on ``<features>.lock``.
+
+    Instances in the same process share the lock (counted), so a process may reopen its own
+    library; a second process that opens it for writing gets a clear error instead of two
+    journals interleaving. The kernel drops the lock when a process dies, even by SIGKILL.
+    """
+
+    def __init__(self):
+        self._held: dict[Path, list] = {}  # features path -> [open lock file, count]
+        self._guard = threading.Lock()
+
+    def acquire(self, features_path: Path) -> None:
+        with self._guard:
+            if features_path in self._held:
+                self._held[features_path][1] += 1
+                return
+            handle = open(features_path.with_name(features_path.name + ".lock"), "a+b")
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()
+                    raise LibraryError(
+                        f"{features_path} is open for writing in another process (an app or "
+                        "an index command): stop it first, or open the library read-only") from None
+            self._held[features_path] = [handle, 1]
+
+    def release(self, features_path: Path) -> None:
+        with self._guard:
+            held = self._held.get(features_path)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] == 0:
+                held[0].close()  # releases the flock
+                del self._held[features_path]
+
+
+_writer_locks = _WriterLocks()
 
 
 def check_k(k) -> int:

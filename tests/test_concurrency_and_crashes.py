@@ -185,3 +185,33 @@ def test_server_serves_the_image_folder_and_nothing_else(served):
     assert status(library.features_path) in (403, 404)
     assert status(library.image_dir / ".." / "secret.txt") in (403, 404)
     assert status(ROOT / "app.py") in (403, 404)
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from library import FeatureLibrary, load_model
+    library = FeatureLibrary(sys.argv[1], sys.argv[2], load_model(sys.argv[3], "cpu"), progress=False)
+    print("READY", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_second_writing_process_is_refused_until_the_first_is_gone(tmp_path, tiny_checkpoint, tiny_model):
+    from library import LibraryError
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    images, features = tmp_path / "images", tmp_path / "f.pth"
+    holder = subprocess.Popen([sys.executable, str(script), str(images), str(features), tiny_checkpoint],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "READY"
+        with pytest.raises(LibraryError, match="open for writing in another process"):
+            FeatureLibrary(images, features, tiny_model, progress=False)
+        FeatureLibrary(images, features, tiny_model, read_only=True, progress=False)  # readers may
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    library = FeatureLibrary(images, features, tiny_model, progress=False)  # the kernel let go
+    library.add(distinct_image(1), name="after.png")
+    library.close()
