@@ -93,15 +93,17 @@ class Handlers:
             label_list = parse_labels(str(labels or "")[: self.limits.max_label_text_chars],
                                       self.limits.max_labels)
             stored = None if self.read_only else self.library.add_many([image])[0]
-            if stored is not None and stored.status == "refused":
-                raise ImageLoadError(stored.name, stored.reason)
-            feature = (self.library.feature(stored.entry.file) if stored is not None
-                       else self.library.embed(image)[1])
+            if stored is not None and stored.entry is not None:
+                feature = self.library.feature(stored.entry.file)
+            else:  # read-only, or not stored (a bad image raises here with its reason)
+                feature = self.library.embed(image)[1]
             ranked = self.classifier.classify(feature, label_list, ensemble=bool(ensemble))
         except (ImageLoadError, ValueError, LibraryError, OSError) as exc:
             raise gr.Error(str(exc)) from None
         if stored is None:
             status = "Read-only mode: the image was classified but not stored."
+        elif stored.status == "refused":
+            status = f"Classified, but not stored: {stored.reason}."
         elif stored.status == "added":
             status = f"New image: added to the library as **{stored.entry.file}**."
         else:

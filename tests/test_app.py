@@ -223,3 +223,14 @@ def test_a_full_library_refuses_adds_with_a_reason(tmp_path):
                                      upload(tmp_path, solid("blue"), "b.png")])
     assert status.startswith("1 added, 0 already in the library, 1 refused.")
     assert "the library is full (1 images)" in status
+
+
+def test_a_full_library_still_classifies(tmp_path):
+    library = FeatureLibrary(tmp_path / "images", tmp_path / "f.pth", FakeEncoder(), progress=False,
+                             max_images=1)
+    library.add(solid("red"), name="red.png")
+    handlers = Handlers(library)
+    probabilities, status = handlers.classify(upload(tmp_path, solid("blue"), "b.png"), "red, blue", False)
+    assert max(probabilities, key=probabilities.get) == "blue"
+    assert status == "Classified, but not stored: the library is full (1 images)."
+    assert len(library) == 1
