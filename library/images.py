@@ -55,11 +55,6 @@ class LoadedImage:
         return SUFFIX_FOR_FORMAT.get(self.format, ".png")
 
 
-def is_image_file(path: Path) -> bool:
-    """Whether a folder entry looks like an image the library should index."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-
-
 def scan_images(folder: str | os.PathLike, recursive: bool = True) -> Iterator[str]:
     """Relative paths (``a/b.jpg``) of the image files under ``folder``.
 

@@ -17,7 +17,7 @@ with warnings.catch_warnings():  # openai-clip imports the deprecated pkg_resour
     warnings.simplefilter("ignore", UserWarning)
     import clip
 from clip.model import build_model
-from PIL import Image, ImageStat
+from PIL import Image, ImageOps, ImageStat
 
 DEFAULT_MODEL = "ViT-B/32"
 DEFAULT_CACHE_DIR = Path("~/.cache/clip").expanduser()
@@ -123,9 +123,7 @@ def pad_to_square(image: Image.Image) -> Image.Image:
         return image
     side = max(width, height)
     mean = tuple(round(channel) for channel in ImageStat.Stat(image.convert("RGB")).mean)
-    canvas = Image.new("RGB", (side, side), mean)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
+    return ImageOps.pad(image.convert("RGB"), (side, side), color=mean)
 
 
 def cpu_supports_bf16() -> bool:
